@@ -1,0 +1,64 @@
+"""Reading what SD-IPC needs from ComfyUI's CLIP text encoder objects."""
+
+from __future__ import annotations
+
+import torch
+
+from ..sdipc_core import SDIPCError
+from ..sdipc_core.projection import SD1_TEXT_HIDDEN_SIZE
+
+END_TOKEN_ID = 49407
+"""CLIP's `<|endoftext|>` token, which SD 1.x's tokenizer also uses as padding."""
+
+SCALE_REFERENCE_PROMPTS = (
+    "a photo of a dog",
+    "a painting of a mountain landscape at sunset",
+    "a close-up photo of a red sneaker on a wooden floor",
+    "an illustration of a city street in the rain",
+    "a portrait of a woman wearing a hat",
+    "a bowl of fruit on a kitchen table",
+)
+"""Captions encoded to measure the typical end-token norm of a loaded text encoder."""
+
+
+def check_sd1_clip(clip) -> None:
+    """Raise SDIPCError unless `clip` is a Stable Diffusion 1.x (CLIP ViT-L/14 only) text encoder."""
+    encoder_names = sorted(clip.tokenize("").keys())
+    if encoder_names != ["l"]:
+        raise SDIPCError(
+            f"The CLIP input is not Stable Diffusion 1.x's: it has the text encoders {encoder_names}, "
+            "but SD-IPC needs the single CLIP ViT-L/14 encoder ['l']. Connect the CLIP output of an "
+            "SD 1.x checkpoint (for example v1-5-pruned-emaonly.safetensors)."
+        )
+
+
+def start_token_state(clip) -> torch.Tensor:
+    """Return `h_sos`, the text encoder's state at the start token, shape [hidden]."""
+    check_sd1_clip(clip)
+    cond = clip.encode_from_tokens(clip.tokenize(""))
+    if cond.shape[-1] != SD1_TEXT_HIDDEN_SIZE:
+        raise SDIPCError(
+            f"The CLIP input gives {cond.shape[-1]}-dimensional states, but Stable Diffusion 1.x uses "
+            f"{SD1_TEXT_HIDDEN_SIZE}. Connect the CLIP output of an SD 1.x checkpoint."
+        )
+    return cond[0, 0]
+
+
+def first_end_token_index(token_weight_pairs: list[tuple[int, float]]) -> int:
+    """Return the position of the first end token in one tokenized 77-token chunk."""
+    for position, pair in enumerate(token_weight_pairs):
+        if position > 0 and pair[0] == END_TOKEN_ID:
+            return position
+    return len(token_weight_pairs)
+
+
+def measure_end_token_norm(clip, prompts: tuple[str, ...] = SCALE_REFERENCE_PROMPTS) -> float:
+    """Return the mean norm of the end-token states that `clip` gives for a few ordinary captions."""
+    from ..sdipc_core import end_token_norm
+
+    states, first_end_tokens = [], []
+    for prompt in prompts:
+        tokens = clip.tokenize(prompt)
+        states.append(clip.encode_from_tokens(tokens)[:1])
+        first_end_tokens.append(first_end_token_index(tokens["l"][0]))
+    return end_token_norm(torch.cat(states), first_end_tokens)
