@@ -1,5 +1,13 @@
 """SD-IPC for ComfyUI: CLIP image embeddings turned into Stable Diffusion 1.x prompts, with no training."""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+import importlib.util
+
+# The nodes need ComfyUI's modules. Outside ComfyUI (pytest collecting this folder, or a script that
+# only wants sdipc_core) the package still imports, with no nodes registered.
+if importlib.util.find_spec("folder_paths") is not None:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    NODE_CLASS_MAPPINGS = {}
+    NODE_DISPLAY_NAME_MAPPINGS = {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -26,7 +26,9 @@ DEFAULT_END_TOKEN_NORM = 27.5
 PROMPT_LENGTH = 77
 """Token positions in one CLIP text-encoder prompt (one start token, up to 75 words, end tokens)."""
 
-_pinv_cache: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# id(W_t) -> (weak reference to W_t, (tolerance, version), pseudo-inverse). Keyed by id because tensors
+# compare element-wise, which rules out WeakKeyDictionary; the weak reference detects a reused id.
+_pinv_cache: dict[int, tuple[weakref.ref, tuple[float, int], torch.Tensor]] = {}
 
 
 def truncated_pseudo_inverse(W_t: torch.Tensor, tolerance: float = DEFAULT_SINGULAR_VALUE_TOLERANCE) -> torch.Tensor:
@@ -47,12 +49,15 @@ def cached_pseudo_inverse(W_t: torch.Tensor, tolerance: float = DEFAULT_SINGULAR
     The cache holds the matrix weakly and is keyed by its in-place version counter, so a matrix that
     is freed or modified gets a fresh inverse.
     """
-    per_matrix = _pinv_cache.setdefault(W_t, {})
     key = (float(tolerance), W_t._version)
-    if key not in per_matrix:
-        per_matrix.clear()
-        per_matrix[key] = truncated_pseudo_inverse(W_t, tolerance)
-    return per_matrix[key]
+    cached = _pinv_cache.get(id(W_t))
+    if cached is not None and cached[0]() is W_t and cached[1] == key:
+        return cached[2]
+
+    pinv = truncated_pseudo_inverse(W_t, tolerance)
+    matrix_id = id(W_t)
+    _pinv_cache[matrix_id] = (weakref.ref(W_t, lambda _: _pinv_cache.pop(matrix_id, None)), key, pinv)
+    return pinv
 
 
 def convert_image_embeds(

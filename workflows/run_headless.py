@@ -1,0 +1,336 @@
+"""Run a shipped SD-IPC workflow through ComfyUI without its browser interface.
+
+Example::
+
+    python workflows/run_headless.py --image photo.jpg --steps 20 --seed 1
+
+The workflow is an API-format file from ``workflows/api``. Model files are taken from
+``--models-dir`` or from the ComfyUI install's ``models`` folders by the file names the workflow
+references. Missing SD1.5 and CLIP files are replaced by random-weight stand-ins, and then the
+output image is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script: make the `workflows` package importable. Appended, so that the repository's
+    # `nodes` package cannot hide a module of the same name.
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from workflows import stand_in_models
+from workflows.comfy_server import ComfyServer, ComfyUIError, ComfyUINotFoundError, PromptRejectedError
+from workflows.comfy_server import find_comfyui, prepare_base_directory
+
+logger = logging.getLogger(__name__)
+
+WORKFLOW_DIRECTORY = Path(__file__).resolve().parent / "api"
+DEFAULT_WORKFLOW = "sdipc_image_variation"
+DEFAULT_COMFYUI = "/opt/ComfyUI"
+DEFAULT_PHOTO_DIRECTORY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+DEFAULT_CACHE_DIRECTORY = Path("~/.cache/sdipc/stand_in_models")
+DEFAULT_TIMEOUT_S = 3600.0
+
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+# ComfyUI model folder listed by each core loader input.
+LOADER_FOLDERS = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
+    ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+}
+SEARCH_FOLDERS = ("checkpoints", "clip_vision", "text_encoders", "clip", "vae", "loras")
+STAND_IN_FOLDERS = {
+    stand_in_models.CHECKPOINT_FILE_NAME: "checkpoints",
+    stand_in_models.CLIP_FILE_NAME: "clip_vision",
+}
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """An input of the command is missing or invalid."""
+
+
+def _multiple_of_eight(value: str) -> int:
+    size = int(value)
+    if size < 64 or size % 8:
+        raise argparse.ArgumentTypeError(f"{size} is not a multiple of 8 of at least 64")
+    return size
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--comfyui",
+        default=os.environ.get("COMFYUI_ROOT", DEFAULT_COMFYUI),
+        help="ComfyUI install folder (default: $COMFYUI_ROOT, else %(default)s)",
+    )
+    parser.add_argument(
+        "--workflow",
+        default=DEFAULT_WORKFLOW,
+        help="name of an API-format workflow in workflows/api, or a path to a .json file (default: %(default)s)",
+    )
+    parser.add_argument("--image", type=Path, help="input image for the LoadImage nodes (default: a DreamBooth photo)")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        help="folder with model files, flat or in ComfyUI subfolders (checkpoints/, clip_vision/, ...)",
+    )
+    parser.add_argument("--output", type=Path, help="output PNG path (default: ./output/<workflow>.png)")
+    parser.add_argument("--steps", type=int, help="sampling steps of every KSampler")
+    parser.add_argument("--size", type=_multiple_of_eight, help="width and height in pixels of every EmptyLatentImage")
+    parser.add_argument("--seed", type=int, help="noise seed of every KSampler")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIRECTORY,
+        help="folder for the random-weight stand-in models (default: %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the workflow (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def load_workflow(name: str) -> tuple[str, dict[str, Any]]:
+    """Return the workflow's name and API-format graph, read from workflows/api or a .json path."""
+    path = Path(name) if name.endswith(".json") else WORKFLOW_DIRECTORY / f"{name}.json"
+    if not path.is_file():
+        available = sorted(candidate.stem for candidate in WORKFLOW_DIRECTORY.glob("*.json"))
+        raise UsageError(f"workflow not found: {path} (available in {WORKFLOW_DIRECTORY}: {', '.join(available) or 'none'})")
+    with open(path, encoding="utf-8") as handle:
+        return path.stem, json.load(handle)
+
+
+def default_image() -> Path | None:
+    """Return the first DreamBooth photo in sorted order, or None if the photos are not there."""
+    photos = sorted(DEFAULT_PHOTO_DIRECTORY.glob("*/*.jpg"))
+    return photos[0] if photos else None
+
+
+def nodes_of_type(workflow: Mapping[str, Any], *class_types: str) -> list[dict[str, Any]]:
+    """Return the nodes whose class_type is one of ``class_types``."""
+    return [node for node in workflow.values() if node.get("class_type") in class_types]
+
+
+def referenced_models(workflow: Mapping[str, Any]) -> dict[str, set[str]]:
+    """Return each model file name the workflow references, with the ComfyUI folders it must be in.
+
+    The folder set is empty when the node is not a known core loader.
+    """
+    references: dict[str, set[str]] = {}
+    for node in workflow.values():
+        for input_name, value in node.get("inputs", {}).items():
+            if not (isinstance(value, str) and value.lower().endswith(MODEL_SUFFIXES)):
+                continue
+            folders = references.setdefault(value, set())
+            folder = LOADER_FOLDERS.get((node.get("class_type"), input_name))
+            if folder:
+                folders.add(folder)
+    return references
+
+
+def find_model(name: str, search_roots: Sequence[Path]) -> tuple[Path, str | None] | None:
+    """Return a model file and the ComfyUI folder it was found in, or None.
+
+    Each root is searched in its ComfyUI subfolders first, then flat (then the folder is None).
+    """
+    for root in search_roots:
+        for folder in SEARCH_FOLDERS:
+            if (root / folder / name).is_file():
+                return root / folder / name, folder
+        if (root / name).is_file():
+            return root / name, None
+    return None
+
+
+def resolve_models(
+    references: Mapping[str, set[str]],
+    search_roots: Sequence[Path],
+    cache_directory: Path,
+) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """Return ``{folder: {name: file}}`` for every referenced model, and the names given stand-ins.
+
+    Raise UsageError for a model that is neither found nor has a stand-in, or whose folder is
+    unknown.
+    """
+    model_folders: dict[str, dict[str, Path]] = {}
+    stand_in_names = []
+    stand_ins: stand_in_models.StandInModels | None = None
+
+    for name, folders in sorted(references.items()):
+        found = find_model(name, search_roots)
+        if found is not None:
+            source, found_folder = found
+        elif name in STAND_IN_FOLDERS:
+            stand_ins = stand_ins or stand_in_models.ensure_stand_in_models(cache_directory.expanduser())
+            source = stand_ins.checkpoint if name == stand_in_models.CHECKPOINT_FILE_NAME else stand_ins.clip
+            found_folder = STAND_IN_FOLDERS[name]
+            stand_in_names.append(name)
+        else:
+            searched = ", ".join(str(root) for root in search_roots)
+            raise UsageError(f"model file {name} not found in {searched}; download it or pass --models-dir")
+
+        targets = set(folders)
+        if found_folder is not None:
+            targets.add(found_folder)
+        if not targets:
+            raise UsageError(f"cannot tell which ComfyUI model folder {source} belongs to; move it to a subfolder such as checkpoints/")
+        for folder in targets:
+            model_folders.setdefault(folder, {})[name] = source
+    return model_folders, stand_in_names
+
+
+def apply_overrides(
+    workflow: Mapping[str, Any],
+    *,
+    image_name: str | None,
+    steps: int | None,
+    size: int | None,
+    seed: int | None,
+) -> dict[str, Any]:
+    """Return a copy of the workflow with the input image, steps, size and seed replaced."""
+    workflow = copy.deepcopy(dict(workflow))
+    samplers = nodes_of_type(workflow, "KSampler", "KSamplerAdvanced")
+    latents = nodes_of_type(workflow, "EmptyLatentImage")
+    if (steps is not None or seed is not None) and not samplers:
+        raise UsageError("--steps and --seed need a KSampler node, and the workflow has none")
+    if size is not None and not latents:
+        raise UsageError("--size needs an EmptyLatentImage node, and the workflow has none")
+
+    if image_name is not None:
+        for node in nodes_of_type(workflow, "LoadImage"):
+            node["inputs"]["image"] = image_name
+    for node in samplers:
+        if steps is not None:
+            node["inputs"]["steps"] = steps
+        if seed is not None:
+            seed_input = "noise_seed" if node["class_type"] == "KSamplerAdvanced" else "seed"
+            node["inputs"][seed_input] = seed
+    for node in latents:
+        if size is not None:
+            node["inputs"]["width"] = size
+            node["inputs"]["height"] = size
+    return workflow
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Return (width, height) read from a PNG file's IHDR chunk."""
+    with open(path, "rb") as handle:
+        header = handle.read(24)
+    if header[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG file")
+    return struct.unpack(">II", header[16:24])
+
+
+def save_outputs(images: Sequence[Path], output: Path) -> list[Path]:
+    """Copy the images to ``output``, the second and later ones as ``<stem>_<n><suffix>``."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, image in enumerate(images, start=1):
+        target = output if index == 1 else output.with_name(f"{output.stem}_{index}{output.suffix}")
+        shutil.copyfile(image, target)
+        written.append(target)
+    return written
+
+
+def _resolve_image(image: Path | None, workflow: Mapping[str, Any]) -> Path | None:
+    if not nodes_of_type(workflow, "LoadImage"):
+        if image is not None:
+            logger.warning("The workflow has no LoadImage node, so --image %s is not used", image)
+        return None
+    image = image or default_image()
+    if image is None:
+        raise UsageError("the workflow needs an input image: pass --image PATH")
+    if not image.is_file():
+        raise UsageError(f"input image {image} not found")
+    return image
+
+
+def run(arguments: argparse.Namespace) -> list[Path]:
+    """Run the workflow once; return the written output images."""
+    try:
+        comfyui_root = find_comfyui(arguments.comfyui)
+    except ComfyUINotFoundError as error:
+        raise UsageError(f"{error}. Pass --comfyui PATH or set COMFYUI_ROOT") from None
+
+    workflow_name, workflow = load_workflow(arguments.workflow)
+    image = _resolve_image(arguments.image, workflow)
+    search_roots = [root for root in (arguments.models_dir, comfyui_root / "models") if root is not None]
+    model_folders, stand_in_names = resolve_models(referenced_models(workflow), search_roots, arguments.cache_dir)
+    if stand_in_names:
+        print(
+            f"Note: {', '.join(stand_in_names)} not found, so random-weight stand-ins from "
+            f"{arguments.cache_dir} are used. The output comes from random weights and will look like noise."
+        )
+
+    workflow = apply_overrides(
+        workflow,
+        image_name=image.name if image else None,
+        steps=arguments.steps,
+        size=arguments.size,
+        seed=arguments.seed,
+    )
+    output = arguments.output or Path("output") / f"{workflow_name}.png"
+
+    with tempfile.TemporaryDirectory(prefix="sdipc-comfyui-") as work_directory:
+        base = prepare_base_directory(work_directory, models=model_folders, input_images=[image] if image else [])
+        server = ComfyServer(comfyui_root, base)
+        try:
+            with server:
+                images = server.run(workflow, timeout=arguments.timeout)
+        except (ComfyUIError, TimeoutError):
+            log_copy = output.with_name(f"{output.stem}.comfyui.log")
+            log_copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(server.log_path, log_copy)
+            logger.error("The ComfyUI log is saved at %s", log_copy)
+            raise
+        if not images:
+            raise ComfyUIError(f"workflow {workflow_name} finished without saving an image (no SaveImage node?)")
+        return save_outputs(images, output)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).splitlines() or [type(error).__name__]
+    if isinstance(error, PromptRejectedError):
+        return "; ".join(lines)
+    return lines[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; return the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    arguments = parse_args(argv)
+    try:
+        written = run(arguments)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ComfyUIError, TimeoutError, FileExistsError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+
+    for path in written:
+        width, height = png_size(path)
+        print(f"Wrote {path} ({width}x{height} px)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
