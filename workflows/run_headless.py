@@ -296,10 +296,11 @@ def run(arguments: argparse.Namespace) -> list[Path]:
             with server:
                 images = server.run(workflow, timeout=arguments.timeout)
         except (ComfyUIError, TimeoutError):
-            log_copy = output.with_name(f"{output.stem}.comfyui.log")
-            log_copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(server.log_path, log_copy)
-            logger.error("The ComfyUI log is saved at %s", log_copy)
+            if server.log_path.exists():
+                log_copy = output.with_name(f"{output.stem}.comfyui.log")
+                log_copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(server.log_path, log_copy)
+                logger.error("The ComfyUI log is saved at %s", log_copy)
             raise
         if not images:
             raise ComfyUIError(f"workflow {workflow_name} finished without saving an image (no SaveImage node?)")
