@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..sdipc_core import SDIPCError
+from ..sdipc_core.end_tokens import TokenLayout
 from ..sdipc_core.projection import SD1_TEXT_HIDDEN_SIZE
 
 END_TOKEN_ID = 49407
@@ -62,3 +65,40 @@ def measure_end_token_norm(clip, prompts: tuple[str, ...] = SCALE_REFERENCE_PROM
         states.append(clip.encode_from_tokens(tokens)[:1])
         first_end_tokens.append(first_end_token_index(tokens["l"][0]))
     return end_token_norm(torch.cat(states), first_end_tokens)
+
+
+def end_token_layout(tokens: dict) -> TokenLayout:
+    """Return the positions of the start, word and end tokens in `clip.tokenize(text)` output, chunk by chunk.
+
+    Textual-inversion embeddings appear in the tokens as tensors and count as words.
+    """
+    chunk_lengths, first_end_tokens = [], []
+    for chunk in tokens["l"]:
+        first_end = len(chunk)
+        for position, pair in enumerate(chunk):
+            token = pair[0]
+            if position > 0 and isinstance(token, numbers.Integral) and token == END_TOKEN_ID:
+                first_end = position
+                break
+        chunk_lengths.append(len(chunk))
+        first_end_tokens.append(first_end)
+    return TokenLayout(tuple(chunk_lengths), tuple(first_end_tokens))
+
+
+def encode_prompt_with_layout(clip, text: str) -> tuple[list, TokenLayout]:
+    """Return CLIPTextEncode's conditioning for `text` and the token layout of its chunks.
+
+    The text is tokenized and encoded as CLIP Text Encode does it, so prompt weights, textual
+    inversion and prompts longer than 77 tokens behave the same.
+    """
+    check_sd1_clip(clip)
+    tokens = clip.tokenize(text)
+    layout = end_token_layout(tokens)
+    conditioning = clip.encode_from_tokens_scheduled(tokens)
+    for cond, _ in conditioning:
+        if cond.shape[1] != layout.length:
+            raise SDIPCError(
+                f"The CLIP input encoded {layout.length} tokens into {cond.shape[1]} positions, so end-token positions "
+                "cannot be located. Connect the CLIP output of a Stable Diffusion 1.x checkpoint."
+            )
+    return conditioning, layout

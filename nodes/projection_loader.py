@@ -6,6 +6,7 @@ import logging
 import os
 
 import folder_paths
+import torch
 
 from ..sdipc_core import CLIPProjections, load_projections
 from .socket_types import CATEGORY, SDIPC_PROJECTION
@@ -47,7 +48,10 @@ def load_cached_projections(path: str) -> CLIPProjections:
     if cached is not None and cached[0] == signature:
         return cached[1]
 
-    projections = load_projections(path)
+    # ComfyUI runs nodes under torch.inference_mode. The cached tensors are made outside it, so that
+    # later nodes can still use them in autograd (adapter training) and modify copies of them.
+    with torch.inference_mode(False):
+        projections = load_projections(path)
     _loaded[path] = (signature, projections)
     logger.info(
         "SD-IPC: loaded text projection %s%s from %s",

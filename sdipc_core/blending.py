@@ -38,7 +38,7 @@ def match_batch_sizes(
     """Return both tensors with the same batch size, the smaller batch repeated to fit the larger.
 
     Batch [a0, a1] against a batch of 4 becomes [a0, a1, a0, a1], as ComfyUI repeats batches. The
-    smaller size must be 1 or divide the larger one; any other pair raises SDIPCError.
+    smaller size must be 1 or divide the larger one, and any other pair raises SDIPCError.
     """
     first_size, second_size = first.shape[0], second.shape[0]
     if first_size == second_size:
@@ -62,8 +62,8 @@ def blend_image_embeds(f_img: torch.Tensor, weights: Sequence[float] | torch.Ten
     """Return the weighted mix of a batch of image embeddings, shape [1, joint_dim].
 
     `f_img` is [N, joint_dim] and `weights` has N entries. A negative weight subtracts an image
-    ("this image minus that style"); with mode "average" the result is divided by the weight sum,
-    so weights (1, -0.5) give 2·f_1 - f_2, which points the same way as f_1 - 0.5·f_2.
+    ("this image minus that style"). Mode "average" divides by the weight sum, so weights (1, -0.5)
+    give 2·f_1 - f_2, which points the same way as f_1 - 0.5·f_2.
     """
     weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
     if weights.numel() != f_img.shape[0]:
@@ -105,7 +105,7 @@ def clamp_factor(factor: float) -> float:
     """Return `factor` clamped to [0, 1], logging a warning when it was outside."""
     clamped = min(max(float(factor), 0.0), 1.0)
     if clamped != factor:
-        logger.warning("SD-IPC: interpolation factor %s is outside [0, 1]; using %s.", factor, clamped)
+        logger.warning("SD-IPC: interpolation factor %s is outside [0, 1], so %s is used.", factor, clamped)
     return clamped
 
 
@@ -150,7 +150,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 def interpolation_factors(steps: int, factor: float) -> list[float]:
     """Return the factors to interpolate at: `[factor]` (clamped) for one step, else 0 to 1 in `steps` even steps."""
     if steps < 1:
-        raise SDIPCError(f"steps is {steps}; it must be at least 1.")
+        raise SDIPCError(f"Invalid steps {steps}: it must be at least 1.")
     if steps == 1:
         return [clamp_factor(factor)]
     return [index / (steps - 1) for index in range(steps)]
@@ -176,9 +176,9 @@ def interpolate_image_embeds(
 def mix_prompts(text_prompt: torch.Tensor, image_prompt: torch.Tensor, image_weight: float) -> torch.Tensor:
     """Return `(1 - w)·text_prompt + w·image_prompt` at every position, w = `image_weight`.
 
-    `text_prompt` is [B, L, hidden] with L a multiple of the image prompt's length (ComfyUI
-    concatenates 77-token chunks of long prompts); the image prompt is repeated along the token axis
-    to cover every chunk. Batch sizes follow `match_batch_sizes`.
+    `text_prompt` is [B, L, hidden] with L a multiple of the image prompt's length, because ComfyUI
+    concatenates the 77-token chunks of long prompts. The image prompt is repeated along the token
+    axis to cover every chunk. Batch sizes follow `match_batch_sizes`.
     """
     text_length, image_length = text_prompt.shape[1], image_prompt.shape[1]
     if text_prompt.shape[-1] != image_prompt.shape[-1]:

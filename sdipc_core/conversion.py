@@ -49,7 +49,10 @@ def cached_pseudo_inverse(W_t: torch.Tensor, tolerance: float = DEFAULT_SINGULAR
     The cache holds the matrix weakly and is keyed by its in-place version counter, so a matrix that
     is freed or modified gets a fresh inverse.
     """
-    key = (float(tolerance), W_t._version)
+    # Inference tensors (made under torch.inference_mode, as in ComfyUI's executor) have no version
+    # counter and cannot be modified in place outside that mode, so their version is constant.
+    version = 0 if W_t.is_inference() else W_t._version
+    key = (float(tolerance), version)
     cached = _pinv_cache.get(id(W_t))
     if cached is not None and cached[0]() is W_t and cached[1] == key:
         return cached[2]

@@ -34,7 +34,7 @@ _VARIATION_PROMPT_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where the start, word and end tokens sit in an encoded prompt of one or more chunks.
+    """Positions of the start, word and end tokens in an encoded prompt of one or more chunks.
 
     Chunk i has `chunk_lengths[i]` positions: the start token at its first position, words up to
     position `first_end_tokens[i] - 1` within the chunk, and end tokens from `first_end_tokens[i]` on.
@@ -47,8 +47,8 @@ class TokenLayout:
     def __post_init__(self) -> None:
         if not self.chunk_lengths or len(self.chunk_lengths) != len(self.first_end_tokens):
             raise SDIPCError(
-                f"A token layout needs one first-end-token index per chunk; got {len(self.first_end_tokens)} "
-                f"for {len(self.chunk_lengths)} chunks."
+                f"A token layout needs one first-end-token index per chunk, but {len(self.first_end_tokens)} were "
+                f"given for {len(self.chunk_lengths)} chunks."
             )
         for length, first_end in zip(self.chunk_lengths, self.first_end_tokens):
             if not 1 <= first_end <= length:
@@ -118,6 +118,17 @@ def text_edited_prompt(
     return prompt
 
 
+def text_edited_pooled(pooled_text: torch.Tensor | None, f_cnvrt: torch.Tensor, alpha: float = DEFAULT_TEXT_EDIT_ALPHA) -> torch.Tensor:
+    """Return the pooled output matching `text_edited_prompt`, `f_cnvrt + α·pooled_text`, or `f_cnvrt` without one.
+
+    SD 1.x's CLIP pools the first end-token state, so this is the edited prompt's first end-token state.
+    """
+    if pooled_text is None:
+        return f_cnvrt
+    pooled_text, f_cnvrt = match_batch_sizes(pooled_text, f_cnvrt.to(pooled_text), ("text pooled output", "image input"))
+    return f_cnvrt + alpha * pooled_text
+
+
 def end_tokens_only_prompt(c_text: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Return `[sos, eos, …, eos]`: each chunk's first end-token state at every position after its start token."""
     _check_prompt(c_text, layout)
@@ -150,8 +161,8 @@ def image_at_end_tokens_prompt(
 ) -> torch.Tensor:
     """Return the prompt with `(1 - w)·c_text[j] + w·f_cnvrt` at every end-token position j.
 
-    Start and word positions keep the text's states. An empty prompt is allowed: its words are none
-    and the result is the image at every position after the start token (blended by w).
+    Start and word positions keep the text's states. An empty prompt is allowed. It has no words, so
+    every position after the start token becomes the blend with the image.
     """
     _check_prompt(c_text, layout)
     _require_end_tokens(layout)
@@ -171,19 +182,20 @@ def image_end_token_state(image_prompt: torch.Tensor) -> torch.Tensor:
     """
     if image_prompt.dim() != 3 or image_prompt.shape[1] < 2:
         raise SDIPCError(
-            f"The image prompt has shape {tuple(image_prompt.shape)}; expected [N, 77, hidden] from SD-IPC's image conversion."
+            f"The image prompt has shape {tuple(image_prompt.shape)}, but SD-IPC's image conversion returns [N, 77, hidden]."
         )
 
-    f_cnvrt = image_prompt[:, 1].float()
-    deviation = (image_prompt[:, 2:].float() - f_cnvrt.unsqueeze(1)).norm(dim=-1).max() if image_prompt.shape[1] > 2 else 0.0
-    allowed = _VARIATION_PROMPT_TOLERANCE * max(f_cnvrt.norm(dim=-1).max().item(), 1.0)
-    if float(deviation) > allowed:
+    f_cnvrt = image_prompt[:, 1]
+    with torch.no_grad():
+        deviation = (image_prompt[:, 1:].float() - f_cnvrt.float().unsqueeze(1)).norm(dim=-1).max().item()
+        allowed = _VARIATION_PROMPT_TOLERANCE * max(f_cnvrt.float().norm(dim=-1).max().item(), 1.0)
+    if deviation > allowed:
         raise SDIPCError(
             "The image prompt is not an SD-IPC image-variation prompt: its positions after the start token differ "
-            f"(by up to {float(deviation):.3g}). Use an image prompt as SD-IPC's image conversion or image blending "
+            f"(by up to {deviation:.3g}). Use an image prompt as SD-IPC's image conversion or image blending "
             "returns it, not a text encoding or a prompt already mixed with text."
         )
-    return f_cnvrt.to(image_prompt.dtype)
+    return f_cnvrt
 
 
 def _check_prompt(c_text: torch.Tensor, layout: TokenLayout) -> None:

@@ -1,7 +1,7 @@
 """Run API-format workflows through a real ComfyUI server started as a subprocess.
 
 ComfyUI is never imported into the calling process. A private base directory (ComfyUI's
-``--base-directory``) holds this pack under ``custom_nodes/ComfyUI-SD-IPC``, the model files and
+``--base-directory``) contains this pack under ``custom_nodes/ComfyUI-SD-IPC``, the model files and
 the input images, so the user's own ComfyUI folders are only read. All HTTP goes to 127.0.0.1.
 """
 
@@ -54,11 +54,11 @@ class ComfyUINotFoundError(ComfyUIError):
 
 
 class ServerStartError(ComfyUIError):
-    """The server process exited or did not answer before the startup timeout."""
+    """The server process exited or did not respond before the startup timeout."""
 
 
 class PromptRejectedError(ComfyUIError):
-    """ComfyUI rejected a workflow at validation; ``response`` is its JSON reply."""
+    """ComfyUI rejected a workflow at validation. ``response`` is its JSON reply."""
 
     def __init__(self, message: str, response: Mapping[str, Any]) -> None:
         super().__init__(message)
@@ -66,7 +66,7 @@ class PromptRejectedError(ComfyUIError):
 
 
 class PromptExecutionError(ComfyUIError):
-    """A node raised while the workflow ran; ``details`` is ComfyUI's execution_error message."""
+    """A node raised while the workflow ran. ``details`` is ComfyUI's execution_error message."""
 
     def __init__(self, message: str, details: Mapping[str, Any]) -> None:
         super().__init__(message)
@@ -102,10 +102,10 @@ def prepare_base_directory(
     input_images: Iterable[str | os.PathLike[str]] = (),
     pack_root: str | os.PathLike[str] = PACK_ROOT,
 ) -> Path:
-    """Lay out a ComfyUI base directory with the pack, model files and input images; return it.
+    """Lay out a ComfyUI base directory with the pack, model files and input images, and return it.
 
     ``models`` maps a ComfyUI model folder (``checkpoints``, ``clip_vision``, ...) to
-    ``{file name as ComfyUI lists it: source file}``; model files are symlinked where the file
+    ``{file name as ComfyUI lists it: source file}``. Model files are symlinked where the file
     system allows it and copied otherwise. Input images are copied into ``input/`` under their
     own names.
     """
@@ -212,7 +212,7 @@ class ComfyServer:
         ]
 
     def start(self) -> None:
-        """Start the server and wait until it answers /system_stats."""
+        """Start the server and wait until it responds to /system_stats."""
         if self._process is not None:
             raise ComfyUIError("the server is already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,13 @@ class ComfyServer:
                 env=environment,
                 start_new_session=True,
             )
-        logger.info("Starting ComfyUI at %s on %s (pid %d, log %s)", self.comfyui_root, self.url, self._process.pid, self.log_path)
+        logger.info(
+            "Starting ComfyUI at %s on %s (pid %d, log %s)",
+            self.comfyui_root,
+            self.url,
+            self._process.pid,
+            self.log_path,
+        )
 
         deadline = started + self.startup_timeout
         while time.perf_counter() < deadline:
@@ -241,11 +247,11 @@ class ComfyServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(POLL_INTERVAL_S)
                 continue
-            logger.info("ComfyUI answered after %.1f s", time.perf_counter() - started)
+            logger.info("ComfyUI responded after %.1f s", time.perf_counter() - started)
             return
 
         self.stop()
-        raise ServerStartError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s.\n{self.log_tail()}")
+        raise ServerStartError(f"ComfyUI did not respond within {self.startup_timeout:.0f} s.\n{self.log_tail()}")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Stop the server: terminate, then kill if it has not exited after ``timeout`` seconds."""
@@ -256,7 +262,7 @@ class ComfyServer:
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            logger.warning("ComfyUI (pid %d) did not exit %.0f s after SIGTERM; killing it", process.pid, timeout)
+            logger.warning("ComfyUI (pid %d) did not exit %.0f s after SIGTERM, so it is killed", process.pid, timeout)
             process.kill()
             process.wait()
         logger.info("Stopped ComfyUI (pid %d)", process.pid)
@@ -301,7 +307,7 @@ class ComfyServer:
         return self._request("GET", path)
 
     def queue(self, workflow: Mapping[str, Any]) -> str:
-        """Queue an API-format workflow; return its prompt id.
+        """Queue an API-format workflow and return its prompt id.
 
         Raise PromptRejectedError with ComfyUI's validation messages if it rejects the workflow.
         """
@@ -326,7 +332,7 @@ class ComfyServer:
         return reply["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float) -> list[Path]:
-        """Wait until a queued prompt finishes; return the paths of its saved output images.
+        """Wait until a queued prompt finishes, and return the paths of its saved output images.
 
         Only images of type "output" (SaveImage) are returned; previews in temp/ are not. Raise
         PromptExecutionError with ComfyUI's node type and exception message if a node failed,
@@ -335,7 +341,13 @@ class ComfyServer:
         deadline = time.perf_counter() + timeout
         while True:
             # ComfyUI adds a history entry only when the prompt has finished, with or without error.
-            entry = self._request("GET", f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+            try:
+                entry = self._request("GET", f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+            except (urllib.error.URLError, ConnectionError) as error:
+                if not self.is_running():
+                    message = f"ComfyUI exited while running prompt {prompt_id}.\n{self.log_tail()}"
+                    raise ComfyUIError(message) from error
+                raise
             if entry is not None:
                 if (entry.get("status") or {}).get("status_str") == "success":
                     return self._output_images(entry)
@@ -348,7 +360,7 @@ class ComfyServer:
             time.sleep(POLL_INTERVAL_S)
 
     def run(self, workflow: Mapping[str, Any], timeout: float) -> list[Path]:
-        """Queue a workflow and wait for it; return the paths of its saved output images."""
+        """Queue a workflow, wait for it, and return the paths of its saved output images."""
         return self.wait(self.queue(workflow), timeout)
 
     def _output_images(self, entry: Mapping[str, Any]) -> list[Path]:

@@ -37,6 +37,7 @@ from workflows.comfy_server import find_comfyui, prepare_base_directory
 logger = logging.getLogger(__name__)
 
 WORKFLOW_DIRECTORY = Path(__file__).resolve().parent / "api"
+WORKFLOW_INPUT_DIRECTORY = Path(__file__).resolve().parent / "input"
 DEFAULT_WORKFLOW = "sdipc_image_variation"
 DEFAULT_COMFYUI = "/opt/ComfyUI"
 DEFAULT_PHOTO_DIRECTORY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
@@ -59,6 +60,10 @@ STAND_IN_FOLDERS = {
     stand_in_models.CHECKPOINT_FILE_NAME: "checkpoints",
     stand_in_models.CLIP_FILE_NAME: "clip_vision",
 }
+STAND_IN_WRITERS = {
+    stand_in_models.CHECKPOINT_FILE_NAME: stand_in_models.write_sd15_checkpoint,
+    stand_in_models.CLIP_FILE_NAME: stand_in_models.write_openai_clip_vit_l14,
+}
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -71,7 +76,7 @@ class UsageError(Exception):
 def _multiple_of_eight(value: str) -> int:
     size = int(value)
     if size < 64 or size % 8:
-        raise argparse.ArgumentTypeError(f"{size} is not a multiple of 8 of at least 64")
+        raise argparse.ArgumentTypeError(f"invalid size {size}: expected a multiple of 8, at least 64")
     return size
 
 
@@ -88,7 +93,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_WORKFLOW,
         help="name of an API-format workflow in workflows/api, or a path to a .json file (default: %(default)s)",
     )
-    parser.add_argument("--image", type=Path, help="input image for the LoadImage nodes (default: a DreamBooth photo)")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        help="input image for the LoadImage nodes (default: the image the workflow names, from workflows/input)",
+    )
     parser.add_argument(
         "--models-dir",
         type=Path,
@@ -104,7 +113,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_CACHE_DIRECTORY,
         help="folder for the random-weight stand-in models (default: %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the workflow (default: %(default)s)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for the workflow (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -113,13 +127,21 @@ def load_workflow(name: str) -> tuple[str, dict[str, Any]]:
     path = Path(name) if name.endswith(".json") else WORKFLOW_DIRECTORY / f"{name}.json"
     if not path.is_file():
         available = sorted(candidate.stem for candidate in WORKFLOW_DIRECTORY.glob("*.json"))
-        raise UsageError(f"workflow not found: {path} (available in {WORKFLOW_DIRECTORY}: {', '.join(available) or 'none'})")
+        listing = ", ".join(available) or "none"
+        raise UsageError(f"workflow not found: {path} (available in {WORKFLOW_DIRECTORY}: {listing})")
     with open(path, encoding="utf-8") as handle:
         return path.stem, json.load(handle)
 
 
-def default_image() -> Path | None:
-    """Return the first DreamBooth photo in sorted order, or None if the photos are not there."""
+def default_image(workflow: Mapping[str, Any]) -> Path | None:
+    """Return the image a LoadImage node names if workflows/input has it, else a DreamBooth photo.
+
+    Return None if neither exists.
+    """
+    for node in nodes_of_type(workflow, "LoadImage"):
+        candidate = WORKFLOW_INPUT_DIRECTORY / str(node["inputs"].get("image", ""))
+        if candidate.is_file():
+            return candidate
     photos = sorted(DEFAULT_PHOTO_DIRECTORY.glob("*/*.jpg"))
     return photos[0] if photos else None
 
@@ -170,28 +192,28 @@ def resolve_models(
     Raise UsageError for a model that is neither found nor has a stand-in, or whose folder is
     unknown.
     """
+    found = {name: find_model(name, search_roots) for name in sorted(references)}
+    missing = [name for name, location in found.items() if location is None and name not in STAND_IN_FOLDERS]
+    if missing:
+        searched = ", ".join(str(root) for root in search_roots)
+        raise UsageError(f"model file {', '.join(missing)} not found in {searched}. Download it or pass --models-dir")
+
+    stand_in_names = [name for name, location in found.items() if location is None]
+    for name in stand_in_names:
+        write_stand_in = STAND_IN_WRITERS[name]
+        found[name] = (write_stand_in(cache_directory.expanduser() / name), STAND_IN_FOLDERS[name])
+
     model_folders: dict[str, dict[str, Path]] = {}
-    stand_in_names = []
-    stand_ins: stand_in_models.StandInModels | None = None
-
-    for name, folders in sorted(references.items()):
-        found = find_model(name, search_roots)
-        if found is not None:
-            source, found_folder = found
-        elif name in STAND_IN_FOLDERS:
-            stand_ins = stand_ins or stand_in_models.ensure_stand_in_models(cache_directory.expanduser())
-            source = stand_ins.checkpoint if name == stand_in_models.CHECKPOINT_FILE_NAME else stand_ins.clip
-            found_folder = STAND_IN_FOLDERS[name]
-            stand_in_names.append(name)
-        else:
-            searched = ", ".join(str(root) for root in search_roots)
-            raise UsageError(f"model file {name} not found in {searched}; download it or pass --models-dir")
-
+    for name, folders in references.items():
+        source, found_folder = found[name]
         targets = set(folders)
         if found_folder is not None:
             targets.add(found_folder)
         if not targets:
-            raise UsageError(f"cannot tell which ComfyUI model folder {source} belongs to; move it to a subfolder such as checkpoints/")
+            raise UsageError(
+                f"cannot tell which ComfyUI model folder {source} belongs to. "
+                "Move it to a subfolder such as checkpoints/"
+            )
         for folder in targets:
             model_folders.setdefault(folder, {})[name] = source
     return model_folders, stand_in_names
@@ -255,7 +277,7 @@ def _resolve_image(image: Path | None, workflow: Mapping[str, Any]) -> Path | No
         if image is not None:
             logger.warning("The workflow has no LoadImage node, so --image %s is not used", image)
         return None
-    image = image or default_image()
+    image = image or default_image(workflow)
     if image is None:
         raise UsageError("the workflow needs an input image: pass --image PATH")
     if not image.is_file():
@@ -264,7 +286,7 @@ def _resolve_image(image: Path | None, workflow: Mapping[str, Any]) -> Path | No
 
 
 def run(arguments: argparse.Namespace) -> list[Path]:
-    """Run the workflow once; return the written output images."""
+    """Run the workflow once and return the written output images."""
     try:
         comfyui_root = find_comfyui(arguments.comfyui)
     except ComfyUINotFoundError as error:
@@ -272,12 +294,15 @@ def run(arguments: argparse.Namespace) -> list[Path]:
 
     workflow_name, workflow = load_workflow(arguments.workflow)
     image = _resolve_image(arguments.image, workflow)
+    if arguments.models_dir is not None and not arguments.models_dir.is_dir():
+        raise UsageError(f"--models-dir {arguments.models_dir} not found")
     search_roots = [root for root in (arguments.models_dir, comfyui_root / "models") if root is not None]
     model_folders, stand_in_names = resolve_models(referenced_models(workflow), search_roots, arguments.cache_dir)
     if stand_in_names:
         print(
             f"Note: {', '.join(stand_in_names)} not found, so random-weight stand-ins from "
-            f"{arguments.cache_dir} are used. The output comes from random weights and will look like noise."
+            f"{arguments.cache_dir.expanduser()} are used in their place. "
+            "The output comes from random weights and will look like noise."
         )
 
     workflow = apply_overrides(
@@ -310,12 +335,12 @@ def run(arguments: argparse.Namespace) -> list[Path]:
 def _one_line(error: BaseException) -> str:
     lines = str(error).splitlines() or [type(error).__name__]
     if isinstance(error, PromptRejectedError):
-        return "; ".join(lines)
+        return f"{lines[0]} {'; '.join(lines[1:])}"
     return lines[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; return the process exit code."""
+    """Run the command and return the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     arguments = parse_args(argv)
     try:

@@ -331,7 +331,7 @@ def _is_current(path: Path, layout: str, seed: int, shapes: dict[str, Shape]) ->
     metadata, file_shapes = header
     if metadata.get("stand_in") != STAND_IN_MARKER:
         raise FileExistsError(
-            f"{path} exists and is not a random-weight stand-in; not overwriting it. "
+            f"{path} exists and is not a random-weight stand-in, so it is not overwritten. "
             "Pass another path or cache folder."
         )
     return metadata == _metadata(layout, seed) and file_shapes == shapes
@@ -358,7 +358,7 @@ def _write_stand_in(
     seed: int,
     seed_name: dict[str, str] | None = None,
 ) -> Path:
-    """Write a stand-in unless a current one exists; return its path."""
+    """Write a stand-in unless a current one exists, and return its path."""
     path = Path(path)
     if _is_current(path, layout, seed, shapes):
         logger.info("Using the cached random-weight stand-in %s at %s", description, path)
@@ -379,12 +379,12 @@ def _write_stand_in(
 
 
 def write_sd15_checkpoint(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Write a random-weight single-file SD1.5 checkpoint with a small U-Net; return its path.
+    """Write a random-weight single-file SD1.5 checkpoint with a small U-Net, and return its path.
 
     Keys are ``model.diffusion_model.*``, ``first_stage_model.*`` and
     ``cond_stage_model.transformer.text_model.*``. The text encoder equals the text tower of
     ``write_openai_clip_vit_l14`` with the same seed. An existing stand-in with the same seed is
-    kept, and FileExistsError is raised if ``path`` holds a model that is not a stand-in.
+    kept, and FileExistsError is raised if ``path`` contains a model that is not a stand-in.
     """
     shapes = sd15_checkpoint_shapes()
     seed_name = {
@@ -394,10 +394,10 @@ def write_sd15_checkpoint(path: str | os.PathLike[str], *, seed: int = 0) -> Pat
 
 
 def write_openai_clip_vit_l14(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Write a random-weight OpenAI CLIP ViT-L/14 checkpoint in the Hugging Face layout; return its path.
+    """Write a random-weight OpenAI CLIP ViT-L/14 file in the Hugging Face layout, and return its path.
 
     An existing stand-in with the same seed is kept, and FileExistsError is raised if ``path``
-    holds a model that is not a stand-in.
+    contains a model that is not a stand-in.
     """
     return _write_stand_in(Path(path), "openai-clip-vit-l14", "CLIP ViT-L/14", openai_clip_shapes(), seed)
 
