@@ -33,10 +33,11 @@ def read_header(path: str | os.PathLike) -> dict:
         prefix = file.read(8)
         if len(prefix) < 8:
             raise _not_safetensors(path, "it is shorter than a safetensors header")
-        if prefix.startswith((b"\x80", b"PK")):
-            raise _not_safetensors(path, "it starts like a pickle or a zipped PyTorch checkpoint")
         (header_size,) = struct.unpack("<Q", prefix)
         if header_size > _MAX_HEADER_BYTES:
+            # Pickles and zipped PyTorch checkpoints land here: their first bytes read as a huge length.
+            if prefix.startswith((b"\x80", b"PK")):
+                raise _not_safetensors(path, "it starts like a pickle or a zipped PyTorch checkpoint")
             raise _not_safetensors(path, "its first bytes are not a safetensors header length")
         header_bytes = file.read(header_size)
     if not header_bytes.startswith(b"{"):
