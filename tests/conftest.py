@@ -148,12 +148,13 @@ def comfy_server(
     """Yield one ComfyUI server for the session, with the pack and the stand-in models installed.
 
     The models are listed as v1-5-pruned-emaonly.safetensors (checkpoints) and
-    clip-vit-large-patch14.safetensors (clip_vision). The example photos of workflows/input and one
+    clip-vit-large-patch14.safetensors (clip_vision). The example photos (and photo folders) of workflows/input and one
     DreamBooth photo, when present, are in ``input/``; tests may copy more images into
     ``comfy_server.input_directory``.
     """
     stand_ins = ensure_stand_in_models(stand_in_model_dir)
-    photos = sorted((REPO_ROOT / "workflows" / "input").glob("*.jpg")) + sorted(PHOTO_DIRECTORY.glob("*/00.jpg"))[:1]
+    examples = sorted(path for path in (REPO_ROOT / "workflows" / "input").iterdir() if path.is_dir() or path.suffix == ".jpg")
+    photos = examples + sorted(PHOTO_DIRECTORY.glob("*/00.jpg"))[:1]
     base = prepare_base_directory(
         tmp_path_factory.mktemp("comfyui_base"),
         models=stand_ins.model_folders(),

@@ -106,8 +106,8 @@ def prepare_base_directory(
 
     ``models`` maps a ComfyUI model folder (``checkpoints``, ``clip_vision``, ...) to
     ``{file name as ComfyUI lists it: source file}``. Model files are symlinked where the file
-    system allows it and copied otherwise. Input images are copied into ``input/`` under their
-    own names.
+    system allows it and copied otherwise. Input images, and folders of them, are copied into
+    ``input/`` under their own names.
     """
     base = Path(base_directory).resolve()
     for folder in ("custom_nodes", "input", "output", "user", "models"):
@@ -128,7 +128,10 @@ def prepare_base_directory(
 
     for image in input_images:
         image = Path(image)
-        shutil.copy2(image, base / "input" / image.name)
+        if image.is_dir():
+            shutil.copytree(image, base / "input" / image.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(image, base / "input" / image.name)
     return base
 
 

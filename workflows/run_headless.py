@@ -44,6 +44,7 @@ DEFAULT_PHOTO_DIRECTORY = Path(__file__).resolve().parents[2] / "shared" / "data
 DEFAULT_CACHE_DIRECTORY = Path("~/.cache/sdipc/stand_in_models")
 DEFAULT_TIMEOUT_S = 3600.0
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
 # ComfyUI model folder listed by each core loader input.
@@ -96,7 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--image",
         type=Path,
-        help="input image for the LoadImage nodes (default: the image the workflow names, from workflows/input)",
+        action="append",
+        help="input image for the workflow's LoadImage nodes, in node order; repeat it for workflows with "
+        "several (default: the images the workflow names, from workflows/input)",
     )
     parser.add_argument(
         "--models-dir",
@@ -133,15 +136,8 @@ def load_workflow(name: str) -> tuple[str, dict[str, Any]]:
         return path.stem, json.load(handle)
 
 
-def default_image(workflow: Mapping[str, Any]) -> Path | None:
-    """Return the image a LoadImage node names if workflows/input has it, else a DreamBooth photo.
-
-    Return None if neither exists.
-    """
-    for node in nodes_of_type(workflow, "LoadImage"):
-        candidate = WORKFLOW_INPUT_DIRECTORY / str(node["inputs"].get("image", ""))
-        if candidate.is_file():
-            return candidate
+def fallback_photo() -> Path | None:
+    """Return a DreamBooth photo from the shared data folder, or None where there is none."""
     photos = sorted(DEFAULT_PHOTO_DIRECTORY.glob("*/*.jpg"))
     return photos[0] if photos else None
 
@@ -222,12 +218,12 @@ def resolve_models(
 def apply_overrides(
     workflow: Mapping[str, Any],
     *,
-    image_name: str | None,
+    image_names: Mapping[str, str] | None,
     steps: int | None,
     size: int | None,
     seed: int | None,
 ) -> dict[str, Any]:
-    """Return a copy of the workflow with the input image, steps, size and seed replaced."""
+    """Return a copy of the workflow with the input images (by node id), steps, size and seed replaced."""
     workflow = copy.deepcopy(dict(workflow))
     samplers = nodes_of_type(workflow, "KSampler", "KSamplerAdvanced")
     latents = nodes_of_type(workflow, "EmptyLatentImage")
@@ -236,9 +232,8 @@ def apply_overrides(
     if size is not None and not latents:
         raise UsageError("--size needs an EmptyLatentImage node, and the workflow has none")
 
-    if image_name is not None:
-        for node in nodes_of_type(workflow, "LoadImage"):
-            node["inputs"]["image"] = image_name
+    for node_id, name in (image_names or {}).items():
+        workflow[node_id]["inputs"]["image"] = name
     for node in samplers:
         if steps is not None:
             node["inputs"]["steps"] = steps
@@ -272,17 +267,34 @@ def save_outputs(images: Sequence[Path], output: Path) -> list[Path]:
     return written
 
 
-def _resolve_image(image: Path | None, workflow: Mapping[str, Any]) -> Path | None:
-    if not nodes_of_type(workflow, "LoadImage"):
-        if image is not None:
-            logger.warning("The workflow has no LoadImage node, so --image %s is not used", image)
-        return None
-    image = image or default_image(workflow)
-    if image is None:
-        raise UsageError("the workflow needs an input image: pass --image PATH")
-    if not image.is_file():
-        raise UsageError(f"input image {image} not found")
-    return image
+def _resolve_images(images: Sequence[Path] | None, workflow: Mapping[str, Any]) -> dict[str, Path]:
+    """Return the image file each LoadImage node reads, keyed by node id.
+
+    Images given on the command line replace the LoadImage nodes' images in node order. The other
+    nodes keep the image they name, from workflows/input, or get a DreamBooth photo where that
+    folder does not have it.
+    """
+    load_nodes = sorted(
+        (node_id for node_id, node in workflow.items() if node.get("class_type") == "LoadImage"),
+        key=lambda node_id: (len(node_id), node_id),
+    )
+    given = list(images or [])
+    if len(given) > len(load_nodes):
+        logger.warning("The workflow has %d LoadImage nodes, so %d of the --image files are not used", len(load_nodes), len(given) - len(load_nodes))
+
+    chosen: dict[str, Path] = {}
+    for index, node_id in enumerate(load_nodes):
+        if index < len(given):
+            image = given[index]
+        else:
+            named = WORKFLOW_INPUT_DIRECTORY / str(workflow[node_id]["inputs"].get("image", ""))
+            image = named if named.is_file() else fallback_photo()
+        if image is None:
+            raise UsageError(f"LoadImage node {node_id} needs an input image: pass --image PATH")
+        if not image.is_file():
+            raise UsageError(f"input image {image} not found")
+        chosen[node_id] = image
+    return chosen
 
 
 def run(arguments: argparse.Namespace) -> list[Path]:
@@ -293,7 +305,7 @@ def run(arguments: argparse.Namespace) -> list[Path]:
         raise UsageError(f"{error}. Pass --comfyui PATH or set COMFYUI_ROOT") from None
 
     workflow_name, workflow = load_workflow(arguments.workflow)
-    image = _resolve_image(arguments.image, workflow)
+    images = _resolve_images(arguments.image, workflow)
     if arguments.models_dir is not None and not arguments.models_dir.is_dir():
         raise UsageError(f"--models-dir {arguments.models_dir} not found")
     search_roots = [root for root in (arguments.models_dir, comfyui_root / "models") if root is not None]
@@ -307,7 +319,7 @@ def run(arguments: argparse.Namespace) -> list[Path]:
 
     workflow = apply_overrides(
         workflow,
-        image_name=image.name if image else None,
+        image_names={node_id: image.name for node_id, image in images.items()},
         steps=arguments.steps,
         size=arguments.size,
         seed=arguments.seed,
@@ -315,7 +327,11 @@ def run(arguments: argparse.Namespace) -> list[Path]:
     output = arguments.output or Path("output") / f"{workflow_name}.png"
 
     with tempfile.TemporaryDirectory(prefix="sdipc-comfyui-") as work_directory:
-        base = prepare_base_directory(work_directory, models=model_folders, input_images=[image] if image else [])
+        # The example inputs (photos, and folders of photos for the training nodes) go in first, so that
+        # an image given on the command line with the same name replaces its example.
+        examples = sorted(WORKFLOW_INPUT_DIRECTORY.iterdir()) if WORKFLOW_INPUT_DIRECTORY.is_dir() else []
+        inputs = [path for path in examples if path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES]
+        base = prepare_base_directory(work_directory, models=model_folders, input_images=inputs + list(images.values()))
         server = ComfyServer(comfyui_root, base)
         try:
             with server:

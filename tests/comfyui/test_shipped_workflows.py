@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ TRAINING_NODES = ("SDIPCTrainAdapter", "SDIPCCustomizeSubject")
 
 
 def shrink_for_test(workflow: dict) -> dict:
-    """Return a copy with the test tier's small settings: 128 px, 2 sampler steps, 2 training steps."""
+    """Return a copy with the test tier's small settings: 128 px, 2 sampler steps, 2 training steps at 64 px."""
     small = copy.deepcopy(workflow)
     for node in small.values():
         inputs = node["inputs"]
@@ -29,9 +30,9 @@ def shrink_for_test(workflow: dict) -> dict:
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = TEST_STEPS
         elif node["class_type"] in TRAINING_NODES:
-            inputs["steps"] = TRAINING_STEPS
-            if "resolution" in inputs:
-                inputs["resolution"] = 64
+            inputs.update(steps=TRAINING_STEPS, resolution=64, batch_size=1, vision_prompt_tokens=min(inputs["vision_prompt_tokens"], 2))
+            # A fresh name per run: the trainers never replace an existing adapter file.
+            inputs["save_name"] = f"test/{inputs['save_name'].replace('/', '_')}_{uuid.uuid4().hex[:8]}"
     return small
 
 
@@ -54,3 +55,7 @@ def test_workflow_runs_and_writes_images(comfy_server, workflow_path):
     for png in pngs:
         with Image.open(png) as image:
             assert image.size == (TEST_SIZE, TEST_SIZE)
+    for node in workflow.values():
+        if node["class_type"] in TRAINING_NODES:
+            adapter = comfy_server.input_directory.parent / "models" / "loras" / f"{node['inputs']['save_name']}.safetensors"
+            assert adapter.is_file(), f"{node['class_type']} saved no adapter at {adapter}"
