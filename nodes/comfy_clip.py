@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ..sdipc_core import SDIPCError
+from ..sdipc_core import SDIPCError, end_token_norm
 from ..sdipc_core.end_tokens import TokenLayout
 from ..sdipc_core.projection import SD1_TEXT_HIDDEN_SIZE
 
@@ -47,23 +47,13 @@ def start_token_state(clip) -> torch.Tensor:
     return cond[0, 0]
 
 
-def first_end_token_index(token_weight_pairs: list[tuple[int, float]]) -> int:
-    """Return the position of the first end token in one tokenized 77-token chunk."""
-    for position, pair in enumerate(token_weight_pairs):
-        if position > 0 and pair[0] == END_TOKEN_ID:
-            return position
-    return len(token_weight_pairs)
-
-
 def measure_end_token_norm(clip, prompts: tuple[str, ...] = SCALE_REFERENCE_PROMPTS) -> float:
     """Return the mean norm of the end-token states that `clip` gives for a few ordinary captions."""
-    from ..sdipc_core import end_token_norm
-
     states, first_end_tokens = [], []
     for prompt in prompts:
         tokens = clip.tokenize(prompt)
         states.append(clip.encode_from_tokens(tokens)[:1])
-        first_end_tokens.append(first_end_token_index(tokens["l"][0]))
+        first_end_tokens.append(end_token_layout(tokens).first_end_tokens[0])
     return end_token_norm(torch.cat(states), first_end_tokens)
 
 

@@ -30,17 +30,12 @@ def load_photos():
 
 
 @pytest.fixture(scope="session")
-def comfy_nodes(comfyui_root):
+def comfy_nodes(comfyui_in_process):
     """ComfyUI's `nodes` module, imported from COMFYUI_ROOT with the CPU forced."""
-    if str(comfyui_root) not in sys.path:
-        sys.path.insert(0, str(comfyui_root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
     import nodes
 
     if not nodes.NODE_CLASS_MAPPINGS.get("CLIPVisionEncode"):
-        pytest.fail(f"{comfyui_root}/nodes.py has no CLIPVisionEncode; is COMFYUI_ROOT a ComfyUI checkout?")
+        pytest.fail(f"{comfyui_in_process}/nodes.py has no CLIPVisionEncode; is COMFYUI_ROOT a ComfyUI checkout?")
     return nodes
 
 
