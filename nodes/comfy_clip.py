@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 
@@ -12,6 +13,9 @@ from ..sdipc_core.projection import SD1_TEXT_HIDDEN_SIZE
 
 END_TOKEN_ID = 49407
 """CLIP's `<|endoftext|>` token, which SD 1.x's tokenizer also uses as padding."""
+
+# id(clip) -> (weak reference to the CLIP object, (patches uuid, output layer), h_sos)
+_start_token_states: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 SCALE_REFERENCE_PROMPTS = (
     "a photo of a dog",
@@ -36,7 +40,16 @@ def check_sd1_clip(clip) -> None:
 
 
 def start_token_state(clip) -> torch.Tensor:
-    """Return `h_sos`, the text encoder's state at the start token, shape [hidden]."""
+    """Return `h_sos`, the text encoder's state at the start token, shape [hidden].
+
+    The state depends only on the encoder's weights and output layer, so it is cached per CLIP
+    object and recomputed when a LoRA patch or CLIP Set Last Layer changes those.
+    """
+    key = (getattr(clip.patcher, "patches_uuid", None), getattr(clip, "layer_idx", None))
+    cached = _start_token_states.get(id(clip))
+    if cached is not None and cached[0]() is clip and cached[1] == key:
+        return cached[2]
+
     check_sd1_clip(clip)
     cond = clip.encode_from_tokens(clip.tokenize(""))
     if cond.shape[-1] != SD1_TEXT_HIDDEN_SIZE:
@@ -44,7 +57,10 @@ def start_token_state(clip) -> torch.Tensor:
             f"The CLIP input gives {cond.shape[-1]}-dimensional states, but Stable Diffusion 1.x uses "
             f"{SD1_TEXT_HIDDEN_SIZE}. Connect the CLIP output of an SD 1.x checkpoint."
         )
-    return cond[0, 0]
+    h_sos = cond[0, 0]
+    clip_id = id(clip)
+    _start_token_states[clip_id] = (weakref.ref(clip, lambda _: _start_token_states.pop(clip_id, None)), key, h_sos)
+    return h_sos
 
 
 def measure_end_token_norm(clip, prompts: tuple[str, ...] = SCALE_REFERENCE_PROMPTS) -> float:

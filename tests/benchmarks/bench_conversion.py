@@ -78,6 +78,9 @@ def main() -> None:
     nodes, pack = load_comfyui()
     import comfy.clip_vision
     import comfy.sd
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
     from sdipc_pack.sdipc_core import convert_image_embeds, load_projections, variation_prompt
     from sdipc_pack.sdipc_core.conversion import _pinv_cache
 
@@ -125,9 +128,11 @@ def main() -> None:
 
     sample(text_conditioning)  # warm-up: loads the model and fills caches
     text_times, sdipc_times = [], []
-    for _ in range(arguments.sampler_repeats):
-        text_times.append(median_ms(lambda: sample(text_conditioning), 1))
-        sdipc_times.append(median_ms(lambda: sample(sdipc_conditioning), 1))
+    for repeat in range(arguments.sampler_repeats):
+        # Alternate which conditioning goes first, so that an order effect cancels out.
+        pair = [(text_times, text_conditioning), (sdipc_times, sdipc_conditioning)]
+        for timings, conditioning in pair if repeat % 2 == 0 else reversed(pair):
+            timings.append(median_ms(lambda: sample(conditioning), 1))
     text_median = statistics.median(text_times)
     sdipc_median = statistics.median(sdipc_times)
     print(f"KSampler, {arguments.size} px, {arguments.steps} steps, median of {arguments.sampler_repeats} alternating runs:")

@@ -95,3 +95,17 @@ def test_vision_output_from_another_clip_is_rejected(pack, sd15, vision_output, 
         node.convert(clip, wrong_output, projection, 27.5, "fixed")
 
     assert "ViT-L/14" in str(error.value)
+
+
+def test_start_token_follows_clip_set_last_layer(comfy_nodes, pack, sd15, vision_output, projection):
+    _model, clip, _vae = sd15
+    node = pack.NODE_CLASS_MAPPINGS["SDIPCImageToPrompt"]()
+    node.convert(clip, vision_output, projection, 27.5, "fixed")  # caches the last layer's start token
+    penultimate_clip = comfy_nodes.CLIPSetLastLayer().set_last_layer(clip, -2)[0]
+
+    prompt = node.convert(penultimate_clip, vision_output, projection, 27.5, "fixed")[0][0][0]
+
+    expected = comfy_nodes.CLIPTextEncode().encode(penultimate_clip, "")[0][0][0][0, 0]
+    last_layer = comfy_nodes.CLIPTextEncode().encode(clip, "")[0][0][0][0, 0]
+    assert torch.allclose(prompt[0, 0], expected, atol=1e-6)
+    assert not torch.allclose(expected, last_layer)
