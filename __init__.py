@@ -10,4 +10,8 @@ else:
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
 
+# ComfyUI serves this folder at /extensions/<pack folder>/. Its editor (frontend 1.27) reads a node's
+# help page from docs/<NodeClassName>/<locale>.md there, falling back to docs/<NodeClassName>.md.
+WEB_DIRECTORY = "./web"
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
