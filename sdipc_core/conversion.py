@@ -18,7 +18,7 @@ import torch
 from .errors import ProjectionMismatchError
 
 DEFAULT_SINGULAR_VALUE_TOLERANCE = 0.3
-"""Singular values of `W_t` at or below this are dropped from the pseudo-inverse, as in the reference code."""
+"""Singular values of `W_t` at or below this are dropped from the pseudo-inverse; the SD-IPC authors' inference code uses 0.3."""
 
 DEFAULT_END_TOKEN_NORM = 27.5
 """Typical norm of an SD 1.x end-token state, the default scale `s` of the converted prompt."""
@@ -46,7 +46,7 @@ def truncated_pseudo_inverse(W_t: torch.Tensor, tolerance: float = DEFAULT_SINGU
 def cached_pseudo_inverse(W_t: torch.Tensor, tolerance: float = DEFAULT_SINGULAR_VALUE_TOLERANCE) -> torch.Tensor:
     """Return `truncated_pseudo_inverse(W_t, tolerance)`, computed once per matrix and tolerance.
 
-    The cache holds the matrix weakly and is keyed by its in-place version counter, so a matrix that
+    The cache keeps a weak reference to the matrix and is keyed by its in-place version counter, so a matrix that
     is freed or modified gets a fresh inverse.
     """
     # Inference tensors (made under torch.inference_mode, as in ComfyUI's executor) have no version

@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files with errors that say what to do.
+"""Reading and writing safetensors files, with errors that name the file and the fix.
 
 Only safetensors is supported: pickle-based formats (.ckpt, .pt, .bin) can run code when loaded,
 so they are rejected with a message instead of being opened.

@@ -590,14 +590,20 @@ def test_node_search_finds_pack_nodes(fresh_editor, query):
     page.locator("#graph-canvas").wait_for()
     page.wait_for_timeout(500)
 
-    # A double click on empty canvas opens the node search box, as it does for a user.
-    page.mouse.dblclick(VIEWPORT["width"] // 2, VIEWPORT["height"] // 2)
+    # A double click on empty canvas opens the node search box, as it does for a user. Right after a
+    # graph is cleared the canvas sometimes misses the first double click, so a user's retry is allowed.
     search_box = page.get_by_role("combobox").first
-    try:
-        search_box.wait_for(timeout=15_000)
-    except playwright_sync_api.TimeoutError:
+    for _attempt in range(3):
+        page.keyboard.press("Escape")
+        page.mouse.dblclick(VIEWPORT["width"] // 2, VIEWPORT["height"] // 2)
+        try:
+            search_box.wait_for(timeout=5_000)
+            break
+        except playwright_sync_api.TimeoutError:
+            page.wait_for_timeout(1_000)
+    else:
         picture = save_small_png(page.screenshot(), artifact_directory() / f"search_{query}_failed.png")
-        pytest.fail(f"no search box opened after a double click on the canvas; screenshot {picture}")
+        pytest.fail(f"no search box opened after three double clicks on the canvas; screenshot {picture}")
     page.keyboard.type(query)
     page.wait_for_timeout(800)
 
