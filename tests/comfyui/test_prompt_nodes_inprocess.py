@@ -1,29 +1,14 @@
 """Prompt-construction and blending nodes with ComfyUI's real CLIP, CLIP vision and sampler."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytestmark = pytest.mark.comfyui
-
-DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambooth"
 
 END_TOKEN = 49407
 WEIGHTED_TEXT = "a photo of a (dog:1.3) on a beach"
 # 75 one-token words fill the first chunk, so its only end-token position is 76; the rest spill into a second chunk.
 LONG_TEXT = " ".join(["dog"] * 75) + " a (red:1.2) ball in the grass"
-
-
-def load_photos(subject: str, count: int, size: int = 224) -> torch.Tensor:
-    """Return `count` DreamBooth photos of `subject` as a ComfyUI IMAGE batch [count, size, size, 3]."""
-    paths = sorted((DREAMBOOTH / subject).glob("*.jpg"))[:count]
-    if len(paths) < count:
-        pytest.skip(f"fewer than {count} photos of '{subject}' in {DREAMBOOTH}")
-    pixels = [np.asarray(Image.open(path).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for path in paths]
-    return torch.from_numpy(np.stack(pixels))
 
 
 def first_end_tokens(clip, text: str) -> list[int]:
@@ -55,12 +40,12 @@ def projection(pack, clip_file):
 
 
 @pytest.fixture(scope="module")
-def dog_output(comfy_nodes, clip_vision):
+def dog_output(comfy_nodes, clip_vision, load_photos):
     return comfy_nodes.CLIPVisionEncode().encode(clip_vision, load_photos("dog", 2), "center")[0]
 
 
 @pytest.fixture(scope="module")
-def cat_output(comfy_nodes, clip_vision):
+def cat_output(comfy_nodes, clip_vision, load_photos):
     return comfy_nodes.CLIPVisionEncode().encode(clip_vision, load_photos("cat", 1), "center")[0]
 
 
