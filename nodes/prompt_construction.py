@@ -20,6 +20,8 @@ END_TOKEN_MODES = ("end tokens only", "mask words", "image at end tokens")
 
 _IMAGE_PROMPT_TOOLTIP = "The converted image: the output of SD-IPC Image to Prompt or of an SD-IPC blend node."
 _TEXT_TOOLTIP = "The prompt, with CLIP Text Encode's syntax: (word:1.2) weights, embeddings, any length."
+_CLIP_INPUT = ("CLIP", {"tooltip": "The CLIP of a Stable Diffusion 1.x checkpoint, to encode the text."})
+_TEXT_INPUT = ("STRING", {"default": "", "multiline": True, "dynamicPrompts": True, "tooltip": _TEXT_TOOLTIP})
 
 
 def pair_entries(first: list, second: list, names: tuple[str, str]) -> list[tuple]:
@@ -52,8 +54,8 @@ class SDIPCTextEditedVariation:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("CLIP", {"tooltip": "The CLIP of a Stable Diffusion 1.x checkpoint, to encode the text."}),
-                "text": ("STRING", {"default": "", "multiline": True, "dynamicPrompts": True, "tooltip": _TEXT_TOOLTIP}),
+                "clip": _CLIP_INPUT,
+                "text": _TEXT_INPUT,
                 "image_prompt": ("CONDITIONING", {"tooltip": _IMAGE_PROMPT_TOOLTIP}),
                 "alpha": (
                     "FLOAT",
@@ -99,8 +101,8 @@ class SDIPCEndTokenPrompt:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("CLIP", {"tooltip": "The CLIP of a Stable Diffusion 1.x checkpoint, to encode the text."}),
-                "text": ("STRING", {"default": "", "multiline": True, "dynamicPrompts": True, "tooltip": _TEXT_TOOLTIP}),
+                "clip": _CLIP_INPUT,
+                "text": _TEXT_INPUT,
                 "mode": (
                     list(END_TOKEN_MODES),
                     {

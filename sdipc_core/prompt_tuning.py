@@ -1,9 +1,8 @@
 """Deep visual prompt tuning of a CLIP vision encoder, the "C" half of SD-IPC-FT.
 
-Learned prompt tokens sit right after the class token at every layer of the vision transformer
-(the "deep" variant of visual prompt tuning): the first layer receives `[CLS, P_0, patches]`, and
-before each later layer `l` the prompt positions are overwritten with that layer's own prompts
-`P_l`. Every `P_l` comes from a per-layer embedding through one linear layer shared by all layers,
+Learned prompt tokens sit right after the class token at every layer of the vision transformer,
+which is the "deep" variant of visual prompt tuning. The first layer receives `[CLS, P_0, patches]`.
+Before each later layer `l`, the prompt positions are overwritten with that layer's own prompts `P_l`. Every `P_l` comes from a per-layer embedding through one linear layer shared by all layers,
 then dropout and a LayerNorm. The SD-IPC reference setting is 50 tokens per layer with dropout 0.1.
 The class token, and with it the image embedding, is read as usual, and the prompt positions are
 removed from the hidden states returned, so the output keeps the encoder's usual shape.

@@ -304,6 +304,14 @@ class ComfyServer:
         with self._opener.open(request, timeout=timeout) as response:
             return json.loads(response.read() or b"null")
 
+    def get_text(self, path: str, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, str]:
+        """Return the HTTP status and text body of a GET request, without raising on error statuses."""
+        try:
+            with self._opener.open(self.url + path, timeout=timeout) as response:
+                return response.status, response.read().decode("utf-8")
+        except urllib.error.HTTPError as error:
+            return error.code, ""
+
     def object_info(self, node_class: str | None = None) -> dict[str, Any]:
         """Return ComfyUI's /object_info: node definitions by class name, or one class's."""
         path = "/object_info" if node_class is None else f"/object_info/{urllib.parse.quote(node_class)}"

@@ -8,8 +8,8 @@ Prints two figures and asserts nothing about time:
    conditioning, on the same model, alternating the two so that drift affects both alike.
 
 Run: python tests/benchmarks/bench_conversion.py [--repeats N] [--size PX] [--steps N]
-It uses the random-weight stand-in models (small U-Net), so sampling times are far below a real
-SD 1.5 U-Net's; the ratio is what carries over.
+It uses the random-weight stand-in models with a small U-Net, so sampling times are far below a
+real SD 1.5 U-Net's. The ratio is what carries over.
 """
 
 from __future__ import annotations

@@ -13,8 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,15 +77,6 @@ def registry_archive_files() -> list[str]:
 def requirement_names() -> list[str]:
     lines = (REPO_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
     return [REQUIREMENT_NAME.match(line).group(1).lower() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def get_text(server: ComfyServer, path: str) -> tuple[int, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(server.url + path, timeout=30) as response:
-            return response.status, response.read().decode("utf-8")
-    except urllib.error.HTTPError as error:
-        return error.code, ""
 
 
 def pack_import_errors(log: str, pack_directory: Path) -> list[str]:
@@ -226,8 +215,8 @@ def test_archive_install_imports_cleanly(archive_install):
 @pytest.mark.comfyui
 def test_archive_install_serves_help_and_locales(archive_install, pack):
     server, _pack_directory, _files = archive_install
-    status, help_page = get_text(server, f"/extensions/{PROJECT_NAME}/docs/SDIPCImageToPrompt.md")
-    i18n_status, i18n = get_text(server, "/i18n")
+    status, help_page = server.get_text(f"/extensions/{PROJECT_NAME}/docs/SDIPCImageToPrompt.md")
+    i18n_status, i18n = server.get_text("/i18n")
 
     assert status == 200
     assert help_page.startswith("# SD-IPC Image to Prompt")
@@ -240,7 +229,7 @@ def test_archive_install_serves_help_and_locales(archive_install, pack):
 def test_archive_install_offers_workflow_templates(archive_install):
     # ComfyUI lists a pack's workflows/*.json in the editor's template browser, under the pack folder name.
     server, _pack_directory, _files = archive_install
-    status, body = get_text(server, "/workflow_templates")
+    status, body = server.get_text("/workflow_templates")
 
     assert status == 200
     assert sorted(json.loads(body).get(PROJECT_NAME, [])) == sorted(path.stem for path in WORKFLOW_DIRECTORY.glob("*.json"))

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from workflows.comfy_server import PACK_FOLDER_NAME, ComfyServer
+from workflows.comfy_server import PACK_FOLDER_NAME
 
 pytestmark = pytest.mark.comfyui
 
@@ -67,15 +65,6 @@ def english_locale(pack) -> dict:
             }
         locale[name] = entry
     return locale
-
-
-def get_text(server: ComfyServer, path: str) -> tuple[int, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(server.url + path, timeout=30) as response:
-            return response.status, response.read().decode("utf-8")
-    except urllib.error.HTTPError as error:
-        return error.code, ""
 
 
 def help_page_url(python_module: str, node_name: str) -> str:
@@ -249,18 +238,18 @@ def test_server_serves_help_pages(comfy_server, pack):
 
     for name in node_classes(pack):
         url = help_page_url(object_info[name]["python_module"], name)
-        status, body = get_text(comfy_server, url)
+        status, body = comfy_server.get_text(url)
         assert status == 200, f"{name}: HTTP {status}"
         assert body == (DOCS_DIRECTORY / f"{name}.md").read_text(encoding="utf-8")
 
-        chinese_status, chinese_body = get_text(comfy_server, url.removesuffix(".md") + "/zh.md")
+        chinese_status, chinese_body = comfy_server.get_text(url.removesuffix(".md") + "/zh.md")
         assert chinese_status == 200, f"{name}: HTTP {chinese_status} for the Chinese page"
         assert chinese_body == (DOCS_DIRECTORY / name / "zh.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("locale", LOCALES)
 def test_i18n_endpoint_serves_locale(comfy_server, pack, locale):
-    status, body = get_text(comfy_server, "/i18n")
+    status, body = comfy_server.get_text("/i18n")
     served = json.loads(body)[locale]["nodeDefs"]
     expected = load_locale(locale)
 

@@ -102,7 +102,7 @@ def test_text_edit_keeps_prompt_weights(comfy_nodes, pack, clip, dog_prompt):
     assert not torch.allclose(prompt[0, dog_position], unweighted[0, dog_position])
 
 
-def test_text_edit_alpha_zero_puts_image_in_end_tokens(comfy_nodes, pack, clip, dog_prompt):
+def test_text_edit_alpha_zero(comfy_nodes, pack, clip, dog_prompt):
     (k,) = first_end_tokens(clip, WEIGHTED_TEXT)
 
     prompt = node(pack, "SDIPCTextEditedVariation").construct(clip, WEIGHTED_TEXT, dog_prompt, 0.0)[0][0][0]
@@ -288,7 +288,7 @@ def first_image(clip_vision_output) -> dict:
     return {key: clip_vision_output[key][:1] for key in ("image_embeds", "last_hidden_state")}
 
 
-def test_single_image_outputs_pass_through_conditioning_nodes_into_ksampler(
+def test_single_image_conditioning_nodes_chain(
     comfy_nodes, pack, sd15, projection, dog_output, cat_output, cat_prompt
 ):
     model, clip, _vae = sd15
